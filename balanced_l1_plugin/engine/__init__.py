@@ -1,0 +1,1 @@
+from . import hooks  # noqa: F401  (imported to register the hooks)

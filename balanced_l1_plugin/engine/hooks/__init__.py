@@ -1,0 +1,2 @@
+# Each hook module is imported here so that importing the package
+# registers it in the plugin's HOOKS registry.

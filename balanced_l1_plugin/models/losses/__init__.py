@@ -1,0 +1,3 @@
+from .balanced_l1_loss import BalancedL1Loss, balanced_l1_loss
+
+__all__ = ['BalancedL1Loss', 'balanced_l1_loss']
