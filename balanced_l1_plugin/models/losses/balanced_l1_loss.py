@@ -57,6 +57,12 @@ def _compute_dtype(pred: Tensor, target: Tensor) -> torch.dtype:
     return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
+# Elements per block of the blocked computation: the few temporaries of a
+# block (256 KiB each in float32) stay in a core's L2 cache, and a block is
+# two of ATen's parallel grains, so both threads of a small machine work.
+_BLOCK = 1 << 16
+
+
 def _loss_and_grad(pred: Tensor, target: Tensor, alpha: float, gamma: float,
                    beta: float,
                    need_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
@@ -65,28 +71,46 @@ def _loss_and_grad(pred: Tensor, target: Tensor, alpha: float, gamma: float,
     Uses ``a = min(|x|, beta)``: the loss is the inlier branch at ``a`` plus
     ``gamma * (|x| - a)``, and the derivative is ``alpha * ln(1 + b a /
     beta) * sign(x)`` for both branches, because ``alpha * ln(1 + b) =
-    gamma``. That removes the branch selection and every mask from the
-    computation, and the sums are done in place to keep few buffers alive.
+    gamma``. That removes the branch selection and every mask.
+
+    The work runs block by block with reused temporaries, writing the loss
+    into one new tensor and the derivative over the difference ``x``: the
+    peak is two tensors of the input's size, and each block's passes hit
+    the cache instead of main memory.
     """
     b = inlier_scale(alpha, gamma)
     dtype = _compute_dtype(pred, target)
 
-    diff = pred.to(dtype) - target.to(dtype)
-    abs_diff = diff.abs()
-    inlier_diff = abs_diff.clamp_max(beta)
+    diff = torch.sub(pred.to(dtype), target.to(dtype)).contiguous()
+    loss = torch.empty_like(diff)
+    flat_diff, flat_loss = diff.view(-1), loss.view(-1)
+    numel = flat_diff.numel()
+    block = max(1, min(_BLOCK, numel))
+    buffers = torch.empty((3, block), dtype=dtype, device=diff.device)
 
-    # alpha * ln(1 + b * a / beta): the magnitude of the gradient.
-    grad_mag = torch.mul(inlier_diff, b / beta).log1p_().mul_(alpha)
+    for start in range(0, numel, block):
+        stop = min(start + block, numel)
+        x = flat_diff[start:stop]
+        out = flat_loss[start:stop]
+        abs_x, a, grad_mag = buffers[:, :stop - start]
 
-    # alpha / b * (b * a + beta) * ln(1 + b * a / beta) - alpha * a
-    #     + gamma * (|x| - a)
-    loss = torch.add(inlier_diff, beta / b).mul_(grad_mag)
-    loss.add_(abs_diff, alpha=gamma).sub_(inlier_diff, alpha=alpha + gamma)
-    del abs_diff, inlier_diff
+        torch.abs(x, out=abs_x)
+        torch.clamp_max(abs_x, beta, out=a)
 
-    if not need_grad:
-        return loss, None
-    return loss, grad_mag.copysign_(diff)
+        # alpha * ln(1 + b * a / beta): the magnitude of the gradient.
+        torch.mul(a, b / beta, out=grad_mag)
+        grad_mag.log1p_().mul_(alpha)
+
+        # alpha / b * (b * a + beta) * ln(1 + b * a / beta) - alpha * a
+        #     + gamma * (|x| - a)
+        torch.add(a, beta / b, out=out)
+        out.mul_(grad_mag).add_(abs_x, alpha=gamma)
+        out.sub_(a, alpha=alpha + gamma)
+
+        if need_grad:
+            torch.copysign(grad_mag, x, out=x)
+
+    return loss, (diff if need_grad else None)
 
 
 class _BalancedL1Function(torch.autograd.Function):
@@ -117,7 +141,7 @@ class _BalancedL1Function(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_pred = grad_diff.to(ctx.pred_dtype)
         if ctx.needs_input_grad[1]:
-            grad_target = grad_diff.neg_().to(ctx.target_dtype)
+            grad_target = torch.neg(grad_diff).to(ctx.target_dtype)
         return grad_pred, grad_target, None, None, None
 
 
@@ -215,8 +239,8 @@ class BalancedL1Loss(nn.Module):
     Example:
         >>> loss = BalancedL1Loss(alpha=0.5, gamma=1.5, beta=1.0)
         >>> pred = torch.tensor([[0.0, 0.5, 1.0, 3.0]], requires_grad=True)
-        >>> loss(pred, torch.zeros(1, 4), reduction_override='none')
-        tensor([[0.0000, 0.2088, 0.5786, 3.5786]], grad_fn=<...>)
+        >>> loss(pred, torch.zeros(1, 4), reduction_override='none').detach()
+        tensor([[0.0000, 0.4006, 1.0786, 4.0786]])
     """
 
     def __init__(self,
