@@ -8,6 +8,7 @@ untouched: ``type='BalancedL1Loss'`` still builds MMDetection's own loss.
 """
 from mmdet.registry import HOOKS as MMDET_HOOKS
 from mmdet.registry import MODELS as MMDET_MODELS
+from mmdet.registry import OPTIM_WRAPPERS as MMDET_OPTIM_WRAPPERS
 from mmengine.registry import Registry
 
 SCOPE = 'balanced_l1_plugin'
@@ -21,5 +22,11 @@ MODELS = Registry(
 HOOKS = Registry(
     'hook',
     parent=MMDET_HOOKS,
+    scope=SCOPE,
+    locations=['balanced_l1_plugin.engine'])
+
+OPTIM_WRAPPERS = Registry(
+    'optim_wrapper',
+    parent=MMDET_OPTIM_WRAPPERS,
     scope=SCOPE,
     locations=['balanced_l1_plugin.engine'])

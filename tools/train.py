@@ -4,7 +4,9 @@
 The flags are MMDetection 3.x's. In addition to what MMDetection's tool
 does, this one registers the plugin itself (a config without
 ``custom_imports`` still finds ``balanced_l1_plugin.BalancedL1Loss``),
-checks the annotation files before anything is built, names the registry
+checks the annotation files before anything is built, stops at the first
+non-finite regression input (``NonFiniteCheckHook``, ``--no-finite-check``
+to leave it out), trains ``--amp`` on the CPU with bfloat16 autocast, names the registry
 scopes searched when a config names an unknown ``type``, writes checkpoints
 atomically, resumes under PyTorch's safe ``torch.load`` and trains with
 ``--launcher pytorch`` on machines without CUDA (gloo).
@@ -13,6 +15,7 @@ import argparse
 import os
 import os.path as osp
 
+import torch
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.config import Config, DictAction
 
@@ -32,6 +35,11 @@ def parse_args() -> argparse.Namespace:
         action='store_true',
         default=False,
         help='enable automatic-mixed-precision training')
+    parser.add_argument(
+        '--no-finite-check',
+        action='store_true',
+        help='do not add NonFiniteCheckHook, which stops training at the '
+        'first NaN or Inf in a regression loss input or a loss')
     parser.add_argument(
         '--auto-scale-lr',
         action='store_true',
@@ -78,8 +86,21 @@ def build_cfg(args: argparse.Namespace) -> Config:
                                 osp.splitext(osp.basename(args.config))[0])
 
     if args.amp:
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.loss_scale = 'dynamic'
+        if torch.cuda.is_available():
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.loss_scale = 'dynamic'
+        else:
+            # MMEngine's AmpOptimWrapper asserts a GPU; bfloat16 autocast
+            # on the CPU needs no loss scale.
+            cfg.optim_wrapper.type = 'balanced_l1_plugin.CPUAmpOptimWrapper'
+
+    if not args.no_finite_check:
+        hooks = list(cfg.get('custom_hooks', None) or [])
+        if not any(
+                str(hook.get('type', '')).endswith('NonFiniteCheckHook')
+                for hook in hooks):
+            hooks.append(dict(type='balanced_l1_plugin.NonFiniteCheckHook'))
+        cfg.custom_hooks = hooks
 
     if args.auto_scale_lr:
         auto_scale_lr = cfg.get('auto_scale_lr', None)

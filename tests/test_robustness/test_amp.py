@@ -1,38 +1,20 @@
 """Mixed precision on the CPU: bfloat16 autocast keeps the loss finite.
 
 MMEngine 0.10.7's ``AmpOptimWrapper`` asserts that a GPU (or NPU, MLU,
-MUSA) is present, so ``--amp`` cannot use it on a CPU-only machine; its
-``autocast`` itself supports the CPU with bfloat16. ``CPUBF16OptimWrapper``
-below is the smallest wrapper that trains under that autocast.
+MUSA) is present, so ``tools/train.py --amp`` uses the plugin's
+``CPUAmpOptimWrapper`` (bfloat16 autocast) on a CPU-only machine.
 """
-import contextlib
 import math
-import re
 
 import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
 from mmengine.hooks import Hook
-from mmengine.optim import OptimWrapper
-from mmengine.registry import HOOKS, OPTIM_WRAPPERS
+from mmengine.registry import HOOKS
 from robustness_utils import read_scalars, run_tool
 
 from balanced_l1_plugin import BalancedL1Loss
-
-
-@OPTIM_WRAPPERS.register_module(force=True)
-class CPUBF16OptimWrapper(OptimWrapper):
-    """``OptimWrapper`` whose forward pass runs under CPU bf16 autocast.
-
-    bfloat16 has float32's exponent range, so no loss scaling is needed.
-    """
-
-    @contextlib.contextmanager
-    def optim_context(self, model: nn.Module):
-        with super().optim_context(model), torch.autocast(
-                'cpu', dtype=torch.bfloat16):
-            yield
 
 
 @pytest.mark.parametrize('scale', [1e-3, 1.0, 1e3, 1e30])
@@ -79,7 +61,7 @@ def test_training_under_cpu_bf16_autocast(tiny_config, tmp_path):
                 dict(type='RecordDtypeHook'),
                 dict(type='balanced_l1_plugin.NonFiniteCheckHook')
             ]))
-    cfg.optim_wrapper.type = 'CPUBF16OptimWrapper'
+    cfg.optim_wrapper.type = 'balanced_l1_plugin.CPUAmpOptimWrapper'
     cfg.work_dir = str(tmp_path / 'work')
     cfg.experiment_name = cfg.visualizer.name = tmp_path.name
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
@@ -99,22 +81,24 @@ def test_training_under_cpu_bf16_autocast(tiny_config, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    torch.cuda.is_available(), reason='tests the CPU-only behaviour')
-def test_amp_flag_without_gpu_trains_or_stops_before_training(
-        tiny_config, tmp_path):
+    torch.cuda.is_available(), reason='tests the CPU-only --amp path')
+def test_amp_flag_without_gpu_trains_under_bf16(tiny_config, tmp_path):
     work_dir = str(tmp_path / 'work')
     result = run_tool([
         'tools/train.py',
         tiny_config(max_iters=2, checkpoint_interval=2), '--work-dir',
         work_dir, '--amp'
     ])
-    if result.returncode == 0:
-        losses = [r['loss'] for r in read_scalars(work_dir) if 'loss' in r]
-        assert len(losses) == 2
-        assert all(math.isfinite(v) for v in losses)
-    else:
-        # MMEngine 0.10.7's AmpOptimWrapper asserts a GPU.
-        assert 'Iter(train)' not in result.stdout
-        assert re.search(
-            r'AssertionError: .*only available training on '
-            'gpu', result.stdout), result.stdout[-3000:]
+
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert 'CPUAmpOptimWrapper' in result.stdout
+    losses = [r['loss'] for r in read_scalars(work_dir) if 'loss' in r]
+    assert len(losses) == 2
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_cpu_amp_wrapper_rejects_unknown_dtype():
+    from balanced_l1_plugin.engine import CPUAmpOptimWrapper
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="dtype must be.*'float64'"):
+        CPUAmpOptimWrapper(dtype='float64', optimizer=optimizer)

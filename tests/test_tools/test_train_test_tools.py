@@ -168,11 +168,36 @@ def test_train_amp_and_auto_scale_lr_flags(monkeypatch):
         '--cfg-options', 'model.roi_head.bbox_head.loss_bbox.alpha=0.3'
     ])
     cfg = train_tool.build_cfg(train_tool.parse_args())
-    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
-    assert cfg.optim_wrapper.loss_scale == 'dynamic'
+    if torch.cuda.is_available():
+        assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+        assert cfg.optim_wrapper.loss_scale == 'dynamic'
+    else:
+        assert cfg.optim_wrapper.type == (
+            'balanced_l1_plugin.CPUAmpOptimWrapper')
     assert cfg.auto_scale_lr.enable is True
     assert cfg.work_dir == 'w'
     assert cfg.model.roi_head.bbox_head.loss_bbox.alpha == 0.3
+
+
+@pytest.mark.parametrize('argv, in_config, hooks', [
+    ([], False, 1),
+    (['--no-finite-check'], False, 0),
+    ([], True, 1),
+])
+def test_train_adds_the_finite_check_once(monkeypatch, tmp_path, argv,
+                                          in_config, hooks):
+    config = TINY_CONFIG
+    if in_config:
+        config = str(tmp_path / 'with_hook.py')
+        with open(config, 'w') as f:
+            f.write(f"_base_ = [{TINY_CONFIG!r}]\n"
+                    "custom_hooks = [dict(type='balanced_l1_plugin."
+                    "NonFiniteCheckHook')]\n")
+    train_tool = load_tool('train')
+    monkeypatch.setattr(sys, 'argv', ['train.py', config, *argv])
+    cfg = train_tool.build_cfg(train_tool.parse_args())
+    types = [hook['type'] for hook in cfg.get('custom_hooks', None) or []]
+    assert types.count('balanced_l1_plugin.NonFiniteCheckHook') == hooks
 
 
 @pytest.mark.slow
