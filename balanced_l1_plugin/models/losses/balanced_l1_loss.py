@@ -76,7 +76,7 @@ def _loss_and_grad(pred: Tensor, target: Tensor, alpha: float, gamma: float,
     The work runs block by block with reused temporaries, writing the loss
     into one new tensor and the derivative over the difference ``x``: the
     peak is two tensors of the input's size, and each block's passes hit
-    the cache instead of main memory.
+    the cache instead of main memory (on the CPU).
     """
     b = inlier_scale(alpha, gamma)
     dtype = _compute_dtype(pred, target)
@@ -85,7 +85,10 @@ def _loss_and_grad(pred: Tensor, target: Tensor, alpha: float, gamma: float,
     loss = torch.empty_like(diff)
     flat_diff, flat_loss = diff.view(-1), loss.view(-1)
     numel = flat_diff.numel()
-    block = max(1, min(_BLOCK, numel))
+    # On a GPU each block costs kernel launches and there is no cache to
+    # keep, so the whole tensor is one block there.
+    block = _BLOCK if diff.device.type == 'cpu' else numel
+    block = max(1, min(block, numel))
     buffers = torch.empty((3, block), dtype=dtype, device=diff.device)
 
     for start in range(0, numel, block):
