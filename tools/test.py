@@ -8,7 +8,6 @@ machines without CUDA (gloo).
 """
 import argparse
 import os
-import os.path as osp
 import warnings
 from copy import deepcopy
 
@@ -21,7 +20,8 @@ import balanced_l1_plugin  # noqa: F401  (registers the plugin's modules)
 from balanced_l1_plugin.datasets.checks import check_data_cfg
 from balanced_l1_plugin.engine.runner import (LAUNCHERS, build_runner,
                                               explain_unknown_types,
-                                              init_cpu_distributed)
+                                              init_cpu_distributed,
+                                              load_tool_config)
 
 
 def parse_args() -> argparse.Namespace:
@@ -106,17 +106,8 @@ def apply_tta(cfg: Config) -> Config:
 
 def build_cfg(args: argparse.Namespace) -> Config:
     """The config of ``args.config`` with the command line applied."""
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-
-    # work_dir: command line, else the config, else the config's name.
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = load_tool_config(args.config, args.launcher, args.cfg_options,
+                           args.work_dir)
 
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:

@@ -6,14 +6,14 @@ does, this one registers the plugin itself (a config without
 ``custom_imports`` still finds ``balanced_l1_plugin.BalancedL1Loss``),
 checks the annotation files before anything is built, stops at the first
 non-finite regression input (``NonFiniteCheckHook``, ``--no-finite-check``
-to leave it out), trains ``--amp`` on the CPU with bfloat16 autocast, names the registry
-scopes searched when a config names an unknown ``type``, writes checkpoints
+to leave it out), trains ``--amp`` on the CPU with bfloat16 autocast,
+names the registry scopes searched when a config names an unknown ``type``,
+writes checkpoints
 atomically, resumes under PyTorch's safe ``torch.load`` and trains with
 ``--launcher pytorch`` on machines without CUDA (gloo).
 """
 import argparse
 import os
-import os.path as osp
 
 import torch
 from mmdet.utils import setup_cache_size_limit_of_dynamo
@@ -23,7 +23,8 @@ import balanced_l1_plugin  # noqa: F401  (registers the plugin's modules)
 from balanced_l1_plugin.datasets.checks import check_data_cfg
 from balanced_l1_plugin.engine.runner import (LAUNCHERS, build_runner,
                                               explain_unknown_types,
-                                              init_cpu_distributed)
+                                              init_cpu_distributed,
+                                              load_tool_config)
 
 
 def parse_args() -> argparse.Namespace:
@@ -73,17 +74,8 @@ def parse_args() -> argparse.Namespace:
 
 def build_cfg(args: argparse.Namespace) -> Config:
     """The config of ``args.config`` with the command line applied."""
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-
-    # work_dir: command line, else the config, else the config's name.
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = load_tool_config(args.config, args.launcher, args.cfg_options,
+                           args.work_dir)
 
     if args.amp:
         if torch.cuda.is_available():

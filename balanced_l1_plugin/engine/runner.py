@@ -244,6 +244,35 @@ class PluginRunner(Runner):
         return MODEL_WRAPPERS.build(wrapper_cfg, default_args=default_args)
 
 
+def load_tool_config(config: str,
+                     launcher: str = 'none',
+                     cfg_options: Optional[dict] = None,
+                     work_dir: Optional[str] = None) -> Config:
+    """Load a config as the tools do, with the command line applied.
+
+    Args:
+        config (str): Path of the config file.
+        launcher (str): The job launcher. Defaults to ``'none'``.
+        cfg_options (dict, optional): ``--cfg-options`` to merge.
+        work_dir (str, optional): ``--work-dir``; without it the config's
+            ``work_dir``, else ``./work_dirs/<config name>``.
+
+    Returns:
+        Config: The config, ready for the tool's own changes.
+    """
+    cfg = Config.fromfile(config)
+    cfg.launcher = launcher
+    if cfg_options is not None:
+        cfg.merge_from_dict(cfg_options)
+
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(config))[0])
+    return cfg
+
+
 def build_runner(cfg: Config) -> Runner:
     """Build :class:`PluginRunner`, or ``cfg.runner_type`` if it is set.
 

@@ -325,7 +325,8 @@ def test_shape_mismatch_names_both_shapes():
 
 @pytest.mark.parametrize('shape', [(3, ), (2, 3), (4, 2, 4)])
 def test_weight_that_cannot_broadcast(shape):
-    with pytest.raises(ValueError, match=re.escape(f'weight of shape {shape}')):
+    message = re.escape(f'weight of shape {shape}')
+    with pytest.raises(ValueError, match=message):
         BalancedL1Loss()(torch.zeros(2, 4), torch.zeros(2, 4),
                          torch.ones(shape))
 
