@@ -416,28 +416,31 @@ def _dist_worker(rank, port, result_file):
 
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch_dist.init_process_group('gloo', rank=rank, world_size=2)
-    try:
-        # Rank 0 holds the first row of PRED as samples, rank 1 the second
-        # (weight 0 elsewhere); pooled, they are the single-process case.
-        weight = torch.tensor(WEIGHT)
-        weight[1 - rank] = 0.0
-        model = MMDistributedDataParallel(
-            ToyModel(BalancedL1Loss(0.5, 1.5, 1.0, loss_weight=LOSS_WEIGHT)))
-        runner = make_runner(model)
-        hook = RegressionGradientHook(interval=1)
-        hook.before_train(runner)
-        hook.before_train_iter(runner, batch_idx=0)
-        model(weight).backward()
-        hook.after_train_iter(runner, batch_idx=0)
-        with open(f'{result_file}.{rank}', 'w') as f:
-            json.dump(logged(runner), f)
-    finally:
-        torch_dist.destroy_process_group()
+    # Rank 0 holds the first row of PRED as samples, rank 1 the second
+    # (weight 0 elsewhere); pooled, they are the single-process case.
+    weight = torch.tensor(WEIGHT)
+    weight[1 - rank] = 0.0
+    model = MMDistributedDataParallel(
+        ToyModel(BalancedL1Loss(0.5, 1.5, 1.0, loss_weight=LOSS_WEIGHT)))
+    runner = make_runner(model)
+    hook = RegressionGradientHook(interval=1)
+    hook.before_train(runner)
+    hook.before_train_iter(runner, batch_idx=0)
+    model(weight).backward()
+    hook.after_train_iter(runner, batch_idx=0)
+    with open(f'{result_file}.{rank}', 'w') as f:
+        json.dump(logged(runner), f)
+    torch_dist.barrier()
+    # Leave without tearing the gloo group down: its destructor joins the
+    # group's worker thread while holding the GIL, which that thread may
+    # need to release a Python tensor (a deadlock seen with torch 2.13).
+    os._exit(0)
 
 
 @pytest.mark.slow
 def test_distributed_numbers_pool_all_processes(tmp_path):
     import socket
+    import time
 
     import torch.multiprocessing as mp
 
@@ -446,7 +449,14 @@ def test_distributed_numbers_pool_all_processes(tmp_path):
         port = sock.getsockname()[1]
     result_file = str(tmp_path / 'numbers')
 
-    mp.spawn(_dist_worker, args=(port, result_file), nprocs=2)
+    context = mp.spawn(
+        _dist_worker, args=(port, result_file), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail('the two gloo processes did not finish in 180 s')
 
     expected = hand_numbers(lambda x: balanced_grad(x, 0.5, 1.5, 1.0), 1.0)
     for rank in range(2):
