@@ -52,6 +52,39 @@ class RunLog:
         return any('epoch' in rec for rec in self.train)
 
 
+def find_scalar_files(path: str, all_runs: bool = False) -> List[str]:
+    """The ``scalars.json`` files of a work dir, oldest run first.
+
+    Args:
+        path (str): A work dir (its ``<timestamp>/vis_data/scalars.json``
+            are used), one run's ``<timestamp>`` dir, or a
+            ``scalars.json`` file.
+        all_runs (bool): Use every run of a work dir, not only the latest.
+            Defaults to False.
+
+    Returns:
+        list[str]: Paths of existing files.
+
+    Raises:
+        FileNotFoundError: ``path`` holds no ``scalars.json``.
+    """
+    if osp.isfile(path):
+        return [path]
+    direct = osp.join(path, SCALARS_FILE)
+    if osp.isfile(direct):
+        return [direct]
+    runs = sorted(
+        name for name in (os.listdir(path) if osp.isdir(path) else [])
+        if _TIMESTAMP.match(name)
+        and osp.isfile(osp.join(path, name, SCALARS_FILE)))
+    if not runs:
+        raise FileNotFoundError(
+            f'no <timestamp>/{SCALARS_FILE} under {path!r}')
+    if not all_runs:
+        runs = runs[-1:]
+    return [osp.join(path, name, SCALARS_FILE) for name in runs]
+
+
 def find_scalars_file(work_dir: str) -> str:
     """Path of the ``scalars.json`` of the latest run in ``work_dir``.
 
@@ -61,19 +94,7 @@ def find_scalars_file(work_dir: str) -> str:
     Raises:
         FileNotFoundError: no run with a ``scalars.json`` is there.
     """
-    if osp.isfile(work_dir):
-        return work_dir
-    direct = osp.join(work_dir, SCALARS_FILE)
-    if osp.isfile(direct):
-        return direct
-    runs = sorted(
-        name for name in (os.listdir(work_dir) if osp.isdir(work_dir) else [])
-        if _TIMESTAMP.match(name)
-        and osp.isfile(osp.join(work_dir, name, SCALARS_FILE)))
-    if not runs:
-        raise FileNotFoundError(
-            f'work_dir: no <timestamp>/{SCALARS_FILE} under {work_dir!r}')
-    return osp.join(work_dir, runs[-1], SCALARS_FILE)
+    return find_scalar_files(work_dir)[-1]
 
 
 def load_run(work_dir: str, label: Optional[str] = None) -> RunLog:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import os.path as osp
-import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -27,13 +26,16 @@ matplotlib.use('Agg')
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+# The work-dir reading is compare_runs.py's, next to this script.
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from compare_runs import find_scalar_files  # noqa: E402
+
 SHARE_KEYS = (
     ('reg_grad/inlier_ratio', 'Inlier ratio'),
     ('reg_grad/inlier_grad_share', 'Inlier share of the gradient'),
     ('reg_grad/inlier_grad_mean', 'Mean |gradient| per inlier'),
     ('reg_grad/outlier_grad_mean', 'Mean |gradient| per outlier'),
 )
-_TIMESTAMP = re.compile(r'^\d{8}_\d{6}$')
 
 # ----------------------------------------------------------------------
 # Fig. 5: gradient and loss against the regression error
@@ -95,39 +97,6 @@ def plot_loss_curves(curves: Sequence) -> Figure:
 
 # ----------------------------------------------------------------------
 # Recorded shares
-
-
-def find_scalar_files(path: str, all_runs: bool = False) -> List[str]:
-    """The ``scalars.json`` files of a work dir, oldest run first.
-
-    Args:
-        path (str): A work dir (its ``<timestamp>/vis_data/scalars.json``
-            are used), one run's ``<timestamp>`` dir, or a
-            ``scalars.json`` file.
-        all_runs (bool): Use every run of a work dir, not only the latest.
-            Defaults to False.
-
-    Returns:
-        list[str]: Paths of existing files.
-
-    Raises:
-        FileNotFoundError: ``path`` holds no ``scalars.json``.
-    """
-    if osp.isfile(path):
-        return [path]
-    direct = osp.join(path, 'vis_data', 'scalars.json')
-    if osp.isfile(direct):
-        return [direct]
-    runs = sorted(
-        name for name in (os.listdir(path) if osp.isdir(path) else [])
-        if _TIMESTAMP.match(name)
-        and osp.isfile(osp.join(path, name, 'vis_data', 'scalars.json')))
-    if not runs:
-        raise FileNotFoundError(
-            f'{path!r} has no <timestamp>/vis_data/scalars.json')
-    if not all_runs:
-        runs = runs[-1:]
-    return [osp.join(path, name, 'vis_data', 'scalars.json') for name in runs]
 
 
 def read_shares(

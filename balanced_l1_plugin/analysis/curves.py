@@ -14,6 +14,7 @@ import torch.nn as nn
 from mmdet.models.losses import L1Loss, SmoothL1Loss
 
 from balanced_l1_plugin.models.losses import BalancedL1Loss
+from balanced_l1_plugin.models.losses.balanced_l1_loss import check_positive
 
 
 class Curve(NamedTuple):
@@ -52,8 +53,7 @@ def regression_errors(x_max: float = 3.0,
         ValueError: ``x_max <= 0``, ``num < 2`` or an extra point outside
             ``[0, x_max]``.
     """
-    if not np.isfinite(x_max) or x_max <= 0:
-        raise ValueError(f'x_max must be finite and > 0, got {x_max!r}')
+    check_positive('x_max', x_max)
     if num < 2:
         raise ValueError(f'num must be >= 2, got {num!r}')
     extra = np.asarray(list(extra), dtype=np.float64)
@@ -100,8 +100,7 @@ def smooth_l1_curve(x: np.ndarray, beta: float = 1.0) -> Curve:
         ValueError: ``beta`` is not finite and ``> 0`` (MMDetection's own
             check is an ``assert``).
     """
-    if not np.isfinite(beta) or beta <= 0:
-        raise ValueError(f'beta must be finite and > 0, got {beta!r}')
+    check_positive('beta', beta)
     return loss_curve(SmoothL1Loss(beta=beta), x, f'Smooth L1 (β={beta:g})')
 
 

@@ -9,8 +9,6 @@ that split from the gradients autograd really computes in a run.
 import fnmatch
 import inspect
 import logging
-import math
-import numbers
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -24,6 +22,8 @@ from mmengine.model import is_model_wrapper
 from torch import Tensor
 
 from balanced_l1_plugin.models.losses import BalancedL1Loss
+from balanced_l1_plugin.models.losses.balanced_l1_loss import \
+    check_positive
 from balanced_l1_plugin.registry import HOOKS
 
 #: Loss classes whose element-wise gradient the hook can attribute to
@@ -163,16 +163,9 @@ class RegressionGradientHook(Hook):
                     f'loss_paths must be a sequence of str or None, got '
                     f'{loss_paths!r}')
             loss_paths = tuple(loss_paths)
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-            raise TypeError(
-                f'beta must be a real number, got {beta!r} of type '
-                f'{type(beta).__name__}')
-        if not math.isfinite(beta) or beta <= 0:
-            raise ValueError(f'beta must be finite and > 0, got {beta!r}')
-
         self.interval = interval
         self.loss_paths = loss_paths
-        self.beta = float(beta)
+        self.beta = check_positive('beta', beta)
         self._targets: Optional[List[_LossTarget]] = None
         self._wrapped: List[Tuple[nn.Module, object]] = []
         self._records: List[Tensor] = []
