@@ -41,9 +41,10 @@ class NonFiniteCheckHook(Hook):
         custom_hooks = [dict(type='balanced_l1_plugin.NonFiniteCheckHook')]
 
     Note:
-        Each check is one ``torch.isfinite(x).all()``; on a GPU, reading its
-        result waits for the kernels queued before it, a few
-        synchronisations per iteration. Validation and testing are not
+        Each loss call's inputs, and the returned losses, are checked with
+        one ``torch.isfinite(...).all()`` reduction each whose result is read
+        once; on a GPU that read waits for the kernels queued before it, a
+        few synchronisations per iteration. Validation and testing are not
         checked.
 
     Args:
@@ -136,9 +137,13 @@ class NonFiniteCheckHook(Hook):
                       kwargs: Dict[str, Any]) -> None:
         if self._where is None:
             return
-        for i, input_name in enumerate(_INPUT_NAMES):
-            value = args[i] if i < len(args) else kwargs.get(input_name)
-            if isinstance(value, Tensor) and not _all_finite(value):
+        inputs = [(input_name, args[i] if i < len(args) else
+                   kwargs.get(input_name))
+                  for i, input_name in enumerate(_INPUT_NAMES)]
+        if _all_finite(*(value for _, value in inputs)):
+            return
+        for input_name, value in inputs:
+            if not _all_finite(value):
                 raise FloatingPointError(
                     f'Non-finite value at {self._where}: input '
                     f'"{input_name}" of the loss module "{name}" '
@@ -150,12 +155,16 @@ class NonFiniteCheckHook(Hook):
                        outputs: Any) -> None:
         if self._where is None or not isinstance(outputs, dict):
             return
-        for key, value in outputs.items():
-            if 'loss' not in key:
-                continue
-            values = value if isinstance(value, (list, tuple)) else [value]
+        losses = {
+            key: value if isinstance(value, (list, tuple)) else [value]
+            for key, value in outputs.items() if 'loss' in key
+        }
+        if _all_finite(*(item for values in losses.values()
+                         for item in values)):
+            return
+        for key, values in losses.items():
             for i, item in enumerate(values):
-                if isinstance(item, Tensor) and not _all_finite(item):
+                if not _all_finite(item):
                     part = f'[{i}]' if len(values) > 1 else ''
                     state = (f'is {item.item()}'
                              if item.numel() == 1 else f'has {_count(item)}')
@@ -166,10 +175,23 @@ class NonFiniteCheckHook(Hook):
                         'previous iteration.')
 
 
-def _all_finite(tensor: Tensor) -> bool:
-    if not tensor.is_floating_point() and not tensor.is_complex():
+def _all_finite(*values: Any) -> bool:
+    """Whether every floating-point tensor among ``values`` is finite.
+
+    One reduction and one read of its result for all of them: on a GPU each
+    read waits for the queued kernels, so the values are checked together
+    and looked at one by one only to report a failure.
+    """
+    flags = [
+        torch.isfinite(value).all() for value in values
+        if isinstance(value, Tensor) and value.numel() > 0 and (
+            value.is_floating_point() or value.is_complex())
+    ]
+    if not flags:
         return True
-    return bool(torch.isfinite(tensor).all())
+    if len(flags) > 1 and len({flag.device for flag in flags}) > 1:
+        return all(bool(flag) for flag in flags)
+    return bool(torch.stack(flags).all())
 
 
 def _count(tensor: Tensor) -> str:
