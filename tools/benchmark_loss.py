@@ -160,9 +160,8 @@ def parse_args() -> argparse.Namespace:
         help='torch.set_num_threads for the CPU runs')
     parser.add_argument('--out', help='also write the table to this file')
     args = parser.parse_args()
-    for name in ('rounds', ):
-        if getattr(args, name) < 1:
-            parser.error(f'--{name} must be >= 1, got {getattr(args, name)}')
+    if args.rounds < 1:
+        parser.error(f'--rounds must be >= 1, got {args.rounds}')
     if any(n < 1 for n in args.boxes):
         parser.error(f'--boxes must all be >= 1, got {args.boxes}')
     return args
